@@ -1,7 +1,24 @@
 """Per-request sampling settings, validated on construction."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+
+_INT_FIELDS = ("n", "best_of", "top_k", "min_tokens")
+_OPTIONAL_INT_FIELDS = ("max_tokens", "logprobs", "seed")
+_REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                "frequency_penalty", "length_penalty")
+# torch.Generator.manual_seed accepts exactly this range.
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -46,6 +63,21 @@ class SamplingParams:
         def bad(name: str, value, rule: str) -> None:
             raise ValueError(f"invalid sampling parameter {name}={value!r}: {rule}")
 
+        # Types first: NaN passes every comparison below, a str or float count fails later
+        # and far from here.
+        for name in _INT_FIELDS + _OPTIONAL_INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) and not (value is None and name in _OPTIONAL_INT_FIELDS):
+                bad(name, value, "must be an integer")
+        for name in _REAL_FIELDS:
+            if not _is_finite_real(getattr(self, name)):
+                bad(name, getattr(self, name), "must be a finite number")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", self.stop, "must be non-empty strings")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", self.stop_token_ids, "must be non-negative token ids")
+        if self.seed is not None and not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]:
+            bad("seed", self.seed, f"must be in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]")
         if self.n < 1:
             bad("n", self.n, "must be >= 1")
         if self.best_of < self.n:

@@ -75,3 +75,21 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def fork(self, request_id: str, generator: torch.Generator | None = None) -> Request:
+        """A twin that continues from the same tokens; the caller shares its KV blocks."""
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            sampling_params=self.sampling_params,
+            arrival_time=self.arrival_time,
+            eos_token_id=self.eos_token_id,
+            token_ids=list(self.token_ids),
+            num_computed_tokens=self.num_computed_tokens,
+            num_cached_tokens=self.num_cached_tokens,
+            status=self.status,
+            generator=generator,
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            first_token_time=self.first_token_time,
+        )

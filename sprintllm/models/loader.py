@@ -1,0 +1,122 @@
+"""Load an HF model directory (config.json + *.safetensors) into our model classes."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from sprintllm.models.registry import get_model_class
+
+_INDEX = "model.safetensors.index.json"
+
+
+class ModelLoadError(ValueError):
+    """The model path cannot be loaded; the message names the path and what is wrong."""
+
+
+def load_hf_config(path: str | os.PathLike) -> PretrainedConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is not a directory (expected an HF model directory)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"no config.json in model directory {path}")
+    try:
+        json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"malformed {config_file}: {e}") from e
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises ValueError, KeyError, OSError... for a bad config
+        raise ModelLoadError(f"cannot read model config {config_file}: {e}") from e
+
+
+def kv_cache_spec(hf_config: PretrainedConfig) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim): the shape of the paged cache one model needs."""
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    return hf_config.num_hidden_layers, num_kv_heads, head_dim
+
+
+def model_max_len(hf_config: PretrainedConfig) -> int:
+    """The longest sequence the model supports: its rotary table is this long."""
+    return int(hf_config.max_position_embeddings)
+
+
+def load_model(
+    model_path: str | os.PathLike,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    attention_backend: str = "paged",
+) -> tuple[nn.Module, PretrainedConfig]:
+    """Build the model for an HF directory's config and stream its safetensors weights into it.
+    Every problem with the directory raises ModelLoadError naming the path."""
+    path = Path(model_path)
+    hf_config = load_hf_config(path)
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not architectures:
+        raise ModelLoadError(f"{path / 'config.json'} names no architecture ('architectures' is empty)")
+    try:
+        model_cls = get_model_class(architectures[0])
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load {path}: {e}") from e
+    files = _safetensors_files(path)
+
+    try:
+        with _default_dtype(dtype), torch.device(device):
+            model = model_cls(hf_config, attention_backend=attention_backend)
+    except (ValueError, NotImplementedError) as e:  # a config feature we do not support
+        raise ModelLoadError(f"cannot build {architectures[0]} for {path}: {e}") from e
+    try:
+        model.load_weights(_iter_weights(files, dtype, device))
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load weights from {path}: {e}") from e
+    return model.eval(), hf_config
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / _INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"malformed {index}: {e!r}") from e
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index} lists shard files missing from {path}: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weight files in model directory {path}")
+    return files
+
+
+def _iter_weights(files: list[Path], dtype: torch.dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream tensors one at a time so peak memory is the model plus one tensor."""
+    for file in files:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                yield name, (tensor.to(dtype) if tensor.is_floating_point() else tensor)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # Parameters are created in the target dtype, so loading never holds a float32 copy.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
