@@ -162,3 +162,35 @@ def test_prefix_caching_off_computes_everything(llama_dir):
     while engine.has_unfinished_requests():
         outs.extend(o for o in engine.step() if o.finished)
     assert outs[0].metrics.num_cached_tokens == 0
+
+
+def test_prefill_interval_holds_back_new_prompts_while_decoding(llama_dir):
+    prompts = prompts_of([10, 12, 14], seed=12)
+    admitted_at: dict[str, int] = {}
+    for interval in (1, 4):
+        engine = Engine(EngineConfig(model=str(llama_dir), num_kv_blocks=64, block_size=8, prefill_interval=interval))
+        engine.add_request({"prompt_token_ids": prompts[0]}, GREEDY, request_id="a")
+        engine.step()  # a is now decoding
+        engine.add_request({"prompt_token_ids": prompts[1]}, GREEDY, request_id="b")
+        steps = 0
+        while not any(r.request_id == "b" for r in engine.scheduler.running):
+            engine.step()
+            steps += 1
+        admitted_at[interval] = steps
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert admitted_at[1] == 1
+    assert admitted_at[4] == 4
+
+
+def test_abort_mid_generation_frees_blocks(llama_dir):
+    engine = Engine(EngineConfig(model=str(llama_dir), num_kv_blocks=64, block_size=8))
+    for i, prompt in enumerate(prompts_of([30, 20], seed=13)):
+        engine.add_request({"prompt_token_ids": prompt}, GREEDY, request_id=str(i))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_free_blocks < engine.num_blocks
+    engine.abort("0")
+    engine.abort("1")
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    assert not engine.has_unfinished_requests() and not engine.scheduler.running
