@@ -138,15 +138,15 @@ def test_no_filter_returns_logits_unchanged():
 
 
 def test_apply_penalties_exact_values():
-    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]] * 4)
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]] * 5)
     vocab = logits.shape[-1]
-    prompt = pad_token_ids([[0, 1], [0, 1], [3], [1]], vocab)
-    output = pad_token_ids([[1, 2, 2], [1, 2, 2], [4], [0, 0]], vocab)
+    prompt = pad_token_ids([[0, 1], [0, 1], [3], [1], []], vocab)
+    output = pad_token_ids([[1, 2, 2], [1, 2, 2], [4], [0, 0], []], vocab)
     out = apply_penalties(
         logits, prompt, output,
-        repetition_penalty=per_row([2.0, 1.0, 1.5, 1.0]),
-        presence_penalty=per_row([0.5, 0.0, 0.0, -0.5]),
-        frequency_penalty=per_row([0.25, 0.0, 0.0, 0.0]),
+        repetition_penalty=per_row([2.0, 1.0, 1.5, 1.0, 2.0]),
+        presence_penalty=per_row([0.5, 0.0, 0.0, -0.5, 1.0]),
+        frequency_penalty=per_row([0.25, 0.0, 0.0, 0.0, 1.0]),
     )
     assert out.tolist() == [
         # token 0 is only in the prompt: repetition only (2 / 2);
@@ -155,8 +155,19 @@ def test_apply_penalties_exact_values():
         [2.0, -1.0, 0.5, 3.0, -2.0],  # neutral penalties: unchanged
         [2.0, -1.0, 0.5, 2.0, -3.0],  # repetition only: 3 / 1.5, -2 * 1.5
         [2.5, -1.0, 0.5, 3.0, -2.0],  # negative presence rewards output token 0 once
+        [2.0, -1.0, 0.5, 3.0, -2.0],  # no history yet: only padding, nothing to penalise
     ]
     assert logits[0].tolist() == [2.0, -1.0, 0.5, 3.0, -2.0]  # input untouched
+
+
+def test_expanded_logits_with_bans_and_penalties():
+    """The engine samples n>1 forks from one row via logits.expand(n, -1)."""
+    row = torch.tensor([5.0, 1.0, 0.5, 0.0])
+    requests = [make_request(eos=0, min_tokens=1, temperature=0.0, repetition_penalty=4.0, prompt=[1]),
+                make_request(temperature=0.0, frequency_penalty=1.0, output=[0, 0])]
+    out = Sampler()(row.expand(2, -1), requests)
+    assert out.token_ids.tolist() == [2, 0]  # eos banned, 1 / 4 < 0.5; 5 - 2 > 1
+    assert row.tolist() == [5.0, 1.0, 0.5, 0.0]
 
 
 def test_sampler_applies_penalties_before_greedy_argmax():
@@ -207,16 +218,16 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
     assert tokens[3] in (0, 1, 2)
 
 
-def test_all_greedy_batch_is_a_single_argmax():
+def test_all_greedy_batch_is_one_argmax_plus_the_logprob_pass():
     logits = torch.randn(64, 1000)
     requests = [make_request(temperature=0.0, request_id=str(i)) for i in range(64)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = Sampler()(logits, requests)
     ops = {event.key: event.count for event in prof.key_averages()}
-    assert ops.get("aten::argmax") == 1
-    heavy = {"aten::sort", "aten::topk", "aten::softmax", "aten::_softmax", "aten::log_softmax",
-             "aten::clone", "aten::index_put", "aten::where", "aten::masked_fill", "aten::cumsum"}
-    assert not heavy & ops.keys(), sorted(ops)
+    assert ops.get("aten::argmax") == 1 and ops.get("aten::_log_softmax") == 1
+    processing = {"aten::sort", "aten::topk", "aten::_softmax", "aten::clone", "aten::index_put",
+                  "aten::where", "aten::masked_fill", "aten::scatter_", "aten::div", "aten::cumsum"}
+    assert not processing & ops.keys(), sorted(ops)
     assert torch.equal(out.token_ids, logits.argmax(-1))
     assert torch.allclose(out.logprobs, logits.log_softmax(-1).max(-1).values)
     assert out.top_logprobs is None
@@ -350,8 +361,31 @@ def test_a_seeded_row_samples_the_exact_distribution():
 
 def test_categorical_sample_never_draws_masked_tokens():
     logits = torch.tensor([[NEG_INF, 0.0, NEG_INF, 0.0, NEG_INF]]).expand(3, -1)
-    edges = torch.tensor([0.0, 0.5, 1.0 - 2**-53], dtype=torch.float64)
-    assert categorical_sample(logits, edges).tolist() == [1, 3, 3]
+    top = 1.0 - 2**-53  # torch.rand's largest float64
+    uniforms = torch.tensor([[0.0, 0.0], [0.0, 0.5], [top, top]], dtype=torch.float64)
+    assert categorical_sample(logits, uniforms).tolist() == [1, 3, 3]
+
+
+def test_categorical_sample_picks_the_block_then_the_token():
+    logits = torch.full((3, 1000), NEG_INF)
+    logits[:, [3, 700, 999]] = torch.tensor([0.0, 0.0, math.log(2.0)])  # probs 1/4, 1/4, 1/2
+    uniforms = torch.tensor([[0.2, 0.9], [0.3, 0.0], [0.6, 0.1]], dtype=torch.float64)
+    assert categorical_sample(logits, uniforms).tolist() == [3, 700, 999]
+
+
+def test_categorical_sample_is_exact_across_blocks_and_tiny_probabilities():
+    support = torch.tensor([0, 255, 256, 511, 700, 999])
+    probs = torch.tensor([0.3, 0.05, 0.2, 0.15, 0.2998, 2e-4], dtype=torch.float64)
+    logits = torch.full((1000,), NEG_INF)
+    logits[support] = probs.log().float()
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.zeros(6, dtype=torch.float64)
+    for _ in range(10):
+        tokens = categorical_sample(logits.expand(4000, -1), torch.rand(4000, 2, dtype=torch.float64, generator=gen))
+        assert torch.isin(tokens, support).all()
+        counts += (tokens[:, None] == support).sum(0)
+    stat, df = chi2_statistic(counts, probs)
+    assert stat < chi2_quantile(0.999, df)
 
 
 # --- logprobs ------------------------------------------------------------------------------
