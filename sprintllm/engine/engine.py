@@ -96,6 +96,9 @@ class Engine:
                 f"the prompt is {len(token_ids)} tokens long, over max_num_batched_tokens="
                 f"{self.config.max_num_batched_tokens}, and chunked prefill is off"
             )
+        bad_stops = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids {bad_stops} lie outside the vocabulary [0, {vocab})")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} is over max_logprobs={self.config.max_logprobs}")
 

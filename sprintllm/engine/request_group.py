@@ -11,6 +11,9 @@ from sprintllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sprintllm.sampling_params import SamplingParams
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive multiples land far apart
+
+
 class RequestGroup:
     def __init__(self, request_id: str, prompt: str | None, first: Request, tokenizer, eos_token_ids: list[int],
                  max_model_len: int):
@@ -47,7 +50,8 @@ class RequestGroup:
         child_id = f"{self.request_id}#{self.num_forks}"
         generator = None
         if self.params.seed is not None:
-            generator = torch.Generator().manual_seed(self.params.seed + self.num_forks)
+            # Spread sibling streams far apart so request seeds s and s+1 do not share samples.
+            generator = torch.Generator().manual_seed((self.params.seed + self.num_forks * _GOLDEN) % 2**64)
         child = parent.fork(child_id, generator)
         self.detokenizers[child_id] = self.detokenizers[parent.request_id].fork()
         self.index[child_id] = len(self.index)

@@ -1,0 +1,1 @@
+"""Weight quantization: block formats, quantization methods for layers, offline quantizers."""
