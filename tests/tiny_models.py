@@ -116,9 +116,3 @@ def build_tiny_model(out_dir, family: str = "llama", num_shards: int = 1, seed: 
         raise RuntimeError(f"expected a sharded checkpoint in {out_dir}")
     return out_dir
 
-
-if __name__ == "__main__":
-    # `python -m tests.tiny_models DIR` builds the demo model the quick start runs on.
-    import sys
-
-    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "build/demo-llama"))

@@ -14,6 +14,7 @@ from sprintllm.engine.request import Request, RequestStatus
 from sprintllm.engine.request_group import RequestGroup
 from sprintllm.engine.sampler import Sampler
 from sprintllm.engine.scheduler import Scheduler
+from sprintllm.models.default_model import default_model_path
 from sprintllm.models.loader import kv_cache_spec, load_model, model_max_len
 from sprintllm.models.tokenizer import load_tokenizer
 from sprintllm.outputs import RequestOutput
@@ -24,6 +25,8 @@ PromptType = Union[str, dict, list[int]]
 
 class Engine:
     def __init__(self, config: EngineConfig):
+        if config.model is None:
+            config.model = default_model_path()
         self.config = config
         torch.manual_seed(config.seed)
         model, hf_config = load_model(config.model, config.torch_dtype, config.device, config.attention_backend)

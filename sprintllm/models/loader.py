@@ -1,4 +1,4 @@
-"""Load an HF model directory (config.json + *.safetensors) into our model classes."""
+"""Load an HF model directory (config.json + *.safetensors) or a GGUF file into our model classes."""
 from __future__ import annotations
 
 import contextlib
@@ -21,12 +21,20 @@ class ModelLoadError(ValueError):
     """The model path cannot be loaded; the message names the path and what is wrong."""
 
 
+def is_gguf_path(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
 def load_hf_config(path: str | os.PathLike) -> PretrainedConfig:
     path = Path(path)
+    if is_gguf_path(path):
+        from sprintllm.models.gguf_loader import read_gguf_config  # lazy: it imports this module
+
+        return read_gguf_config(path)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     if not path.is_dir():
-        raise ModelLoadError(f"model path {path} is not a directory (expected an HF model directory)")
+        raise ModelLoadError(f"model path {path} is not a directory (expected an HF model directory or a .gguf file)")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"no config.json in model directory {path}")
@@ -59,10 +67,18 @@ def load_model(
     device: str | torch.device = "cpu",
     attention_backend: str = "paged",
 ) -> tuple[nn.Module, PretrainedConfig]:
-    """Build the model for an HF directory's config and stream its safetensors weights into it.
-    Every problem with the directory raises ModelLoadError naming the path."""
+    """Build the model for an HF directory's config and stream its safetensors weights into it,
+    or build it from a GGUF file's metadata and load its weights dequantized to `dtype`.
+    Every problem with the directory or file raises ModelLoadError naming the path."""
     path = Path(model_path)
-    hf_config = load_hf_config(path)
+    weights = None  # a lazy stream of (HF name, tensor)
+    if is_gguf_path(path):
+        from sprintllm.models.gguf_loader import iter_dequantized_weights, read_gguf  # lazy: imports this module
+
+        gguf_model = read_gguf(path)
+        hf_config, weights = gguf_model.config, iter_dequantized_weights(gguf_model, dtype)
+    else:
+        hf_config = load_hf_config(path)
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures:
         raise ModelLoadError(f"{path / 'config.json'} names no architecture ('architectures' is empty)")
@@ -70,7 +86,8 @@ def load_model(
         model_cls = get_model_class(architectures[0])
     except ValueError as e:
         raise ModelLoadError(f"cannot load {path}: {e}") from e
-    files = _safetensors_files(path)
+    if weights is None:
+        weights = _iter_weights(_safetensors_files(path), dtype, device)
 
     try:
         with _default_dtype(dtype), torch.device(device):
@@ -78,7 +95,7 @@ def load_model(
     except (ValueError, NotImplementedError) as e:  # a config feature we do not support
         raise ModelLoadError(f"cannot build {architectures[0]} for {path}: {e}") from e
     try:
-        model.load_weights(_iter_weights(files, dtype, device))
+        model.load_weights(weights)
     except ValueError as e:
         raise ModelLoadError(f"cannot load weights from {path}: {e}") from e
     return model.eval(), hf_config
