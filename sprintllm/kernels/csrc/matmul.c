@@ -1,0 +1,218 @@
+/* Entry points called from Python through ctypes.
+ *
+ * Threads come from OpenMP. torch's CPU build ships its own libgomp.so.1 and loads it
+ * before this library; our NEEDED libgomp.so.1 then binds to that same copy, so both share
+ * one thread pool (and torch.set_num_threads' setting) instead of two pools of spinning
+ * threads fighting over the cores.
+ */
+#include <stdlib.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_max_threads(void) { return 1; }
+static int omp_get_num_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
+#endif
+
+#include "blocks.h"
+
+/* Below this many weight bytes per call (times activation rows, up to 8) one thread is
+ * faster: waking the other thread and joining costs about what 96 KiB take to stream. */
+#define SL_PARALLEL_MIN_BYTES (96 * 1024)
+
+int sl_is_simd(void) { return SL_AVX512; }
+
+/* Grow-only scratch for the quantized activations, one per calling thread so concurrent
+ * callers (ctypes releases the GIL) never share it. */
+static _Thread_local void *scratch;
+static _Thread_local size_t scratch_size;
+
+static void *scratch_for(size_t size) {
+    if (size > scratch_size) {
+        free(scratch);
+        scratch_size = 0;
+        scratch = aligned_alloc(64, size);
+        if (!scratch) return NULL;
+        scratch_size = size;
+    }
+    return scratch;
+}
+
+#define SL_ALIGN64(n) (((n) + 63) / 64 * 64)
+
+/* Carve the activation buffers of `kind` out of the scratch, each 64-byte aligned. */
+static int act_layout(sl_act *a, int kind, int qtype, int64_t M, int64_t K) {
+    const size_t pairs = (size_t)(M * ((K / 32 + 1) / 2)), b32 = (size_t)(M * K / 32);
+    const int P = kind == SL_ACT_PAIRS, B = kind == SL_ACT_BLOCKS, S = kind == SL_ACT_SUPER;
+    const size_t sizes[8] = {
+        P ? 64 * pairs : (size_t)(M * K),             /* q */
+        P ? 64 * pairs : 0,                           /* lane_scale */
+        P ? 64 * pairs : 0,                           /* lane_init */
+        P ? 16 * pairs : 0,                           /* pair_sums */
+        B ? 4 * b32 : S ? (size_t)(M * K / 256 * 4) : 0, /* d */
+        B ? 4 * b32 : 0,                              /* block_sums */
+        S ? 4 * b32 : 0,                              /* sum32 */
+        S ? 8 * b32 : 0,                              /* sum16 */
+    };
+    size_t total = 0;
+    for (int i = 0; i < 8; i++) total += SL_ALIGN64(sizes[i]);
+    uint8_t *base = scratch_for(total);
+    if (!base) return SL_ERR_NOMEM;
+    void *part[8];
+    for (int i = 0; i < 8; i++) part[i] = base, base += SL_ALIGN64(sizes[i]);
+    *a = (sl_act){.K = K, .kind = kind, .interleaved = qtype != SL_Q8_0, .offset = sl_offset(qtype),
+                  .q = part[0], .lane_scale = part[1], .lane_init = part[2], .pair_sums = part[3],
+                  .d = part[4], .block_sums = part[5], .sum32 = part[6], .sum16 = part[7]};
+    return SL_OK;
+}
+
+/* [begin, end) of `n` items for this thread, in multiples of `align` items. */
+static void split(int64_t n, int64_t align, int64_t *begin, int64_t *end) {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t per = ((n + nt - 1) / nt + align - 1) / align * align;
+    *begin = t * per < n ? t * per : n;
+    *end = *begin + per < n ? *begin + per : n;
+}
+
+static int64_t row_bytes(int qtype, int64_t K) { return K / (sl_legacy_supported(qtype) ? 32 : 256) * sl_type_size(qtype); }
+
+static int threads_for(int64_t bytes) { return bytes >= SL_PARALLEL_MIN_BYTES ? omp_get_max_threads() : 1; }
+
+enum { SL_RAW = 0, SL_PACKED = 1 };
+
+typedef struct {
+    int layout, qtype;
+    const void *x;
+    int x_bf16;
+    sl_act *act;
+    const sl_problem *p;
+} matmul_job;
+
+/* Run by each thread of the team (or alone, outside any parallel region). */
+static void matmul_body(const matmul_job *job) {
+    const sl_problem *p = job->p;
+    int64_t begin, end;
+    split(p->M, 1, &begin, &end);
+    sl_quantize_act_rows(job->x, job->x_bf16, begin, end, job->act);
+#pragma omp barrier
+    /* Units: 16-row groups (packed) or 4-row tiles. Chunks are handed out dynamically, 8 per
+     * thread, so a thread the OS preempts (other jobs on the cores) costs its current chunk,
+     * not half the matrix. */
+    const int64_t N = p->N, unit = job->layout == SL_PACKED ? 16 : 4, units = (N + unit - 1) / unit;
+    const int64_t per = (units + 8 * omp_get_num_threads() - 1) / (8 * omp_get_num_threads());
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < (units + per - 1) / per; c++) {
+        const int64_t u0 = c * per, u1 = u0 + per < units ? u0 + per : units;
+        const int64_t n1 = u1 * unit < N ? u1 * unit : N;
+        if (job->layout == SL_PACKED)
+            sl_packed_rows(job->qtype, p, u0, u1);
+        else if (sl_legacy_supported(job->qtype))
+            sl_legacy_rows(job->qtype, p, u0 * unit, n1);
+        else
+            sl_kquant_rows(job->qtype, p, u0 * unit, n1);
+    }
+}
+
+static int matmul(int layout, const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w, int64_t w_stride,
+                  int qtype, int64_t N, float *out, int64_t out_stride) {
+    const int legacy = sl_legacy_supported(qtype);
+    if (layout == SL_PACKED ? !sl_packed_supported(qtype) : !legacy && !sl_kquant_supported(qtype)) return SL_ERR_TYPE;
+    if (K <= 0 || K % (legacy ? 32 : 256) || M < 0 || N < 0 || out_stride < N) return SL_ERR_SHAPE;
+    if (M == 0 || N == 0) return SL_OK;
+    const int kind = layout == SL_PACKED ? SL_ACT_BLOCKS : legacy ? SL_ACT_PAIRS : SL_ACT_SUPER;
+    sl_act act;
+    if (act_layout(&act, kind, qtype, M, K)) return SL_ERR_NOMEM;
+    const sl_problem p = {w, w_stride, N, M, &act, out, out_stride};
+    const matmul_job job = {layout, qtype, x, x_bf16, &act, &p};
+    const int threads = threads_for(row_bytes(qtype, K) * N * (M < 8 ? M : 8));
+    if (threads == 1) {
+        matmul_body(&job); /* no fork/join for small problems */
+    } else {
+#pragma omp parallel num_threads(threads)
+        matmul_body(&job);
+    }
+    return SL_OK;
+}
+
+/* out[M, N] = x[M, K] @ W[N, K]^T, W stored as GGUF rows of type `qtype`; out rows are
+ * `out_stride` floats apart (>= N), so out may be a column slice of a wider buffer. */
+int sl_gguf_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w, int64_t w_stride, int qtype,
+                   int64_t N, float *out, int64_t out_stride) {
+    return matmul(SL_RAW, x, x_bf16, M, K, w, w_stride, qtype, N, out, out_stride);
+}
+
+/* Bytes of the packed layout of an [N, K] weight, or -1 if `qtype` has none. */
+int64_t sl_pack_size(int qtype, int64_t N, int64_t K) {
+    return sl_packed_supported(qtype) && K > 0 && K % 32 == 0 && N >= 0 ? sl_packed_bytes(qtype, N, K) : -1;
+}
+
+int sl_pack(const uint8_t *w, int64_t w_stride, int qtype, int64_t N, int64_t K, uint8_t *out) {
+    if (sl_pack_size(qtype, N, K) < 0) return SL_ERR_TYPE;
+#pragma omp parallel num_threads(threads_for(row_bytes(qtype, K) * N))
+    {
+        int64_t begin, end;
+        split((N + 15) / 16, 1, &begin, &end);
+        sl_pack_rows(qtype, w, w_stride, N, K, begin, end, out);
+    }
+    return SL_OK;
+}
+
+/* out[N, K] (float32, or bfloat16 if out_bf16) = the dequantized weight rows. */
+int sl_dequantize(const uint8_t *w, int64_t w_stride, int qtype, int64_t N, int64_t K, void *out, int out_bf16) {
+    const int legacy = sl_legacy_supported(qtype);
+    if (!legacy && !sl_kquant_supported(qtype)) return SL_ERR_TYPE;
+    if (K <= 0 || K % (legacy ? 32 : 256) || N < 0) return SL_ERR_SHAPE;
+#pragma omp parallel num_threads(threads_for(row_bytes(qtype, K) * N))
+    {
+        int64_t begin, end;
+        split(N, 4, &begin, &end);
+        sl_dequantize_rows(qtype, w, w_stride, K, begin, end, out, out_bf16);
+    }
+    return SL_OK;
+}
+
+/* out[N, K] (float32, or bfloat16 if out_bf16) = the dequantized weight of a packed W: each
+ * thread unpacks 16 rows at a time to GGUF rows in its scratch, then dequantizes them. */
+int sl_dequantize_packed(const uint8_t *packed, int qtype, int64_t N, int64_t K, void *out, int out_bf16) {
+    if (sl_pack_size(qtype, N, K) < 0) return SL_ERR_TYPE;
+    const int64_t rb = row_bytes(qtype, K), elt = out_bf16 ? 2 : 4;
+    int failed = 0;
+#pragma omp parallel num_threads(threads_for(rb * N)) reduction(| : failed)
+    {
+        int64_t begin, end;
+        split((N + 15) / 16, 1, &begin, &end);
+        uint8_t *rows = begin < end ? scratch_for((size_t)(16 * rb)) : NULL;
+        failed = begin < end && !rows;
+        for (int64_t g = begin; g < end && rows; g++) {
+            const int64_t n = 16 * g, count = N - n < 16 ? N - n : 16;
+            sl_unpack_rows(qtype, packed, N, K, g, g + 1, rows, rb);
+            sl_dequantize_rows(qtype, rows, rb, K, 0, count, (uint8_t *)out + n * K * elt, out_bf16);
+        }
+    }
+    return failed ? SL_ERR_NOMEM : SL_OK;
+}
+
+/* GGUF rows [N, row_bytes] back from a packed W (the inverse of sl_pack). */
+int sl_unpack(const uint8_t *packed, int qtype, int64_t N, int64_t K, uint8_t *out) {
+    if (sl_pack_size(qtype, N, K) < 0) return SL_ERR_TYPE;
+    sl_unpack_rows(qtype, packed, N, K, 0, (N + 15) / 16, out, row_bytes(qtype, K));
+    return SL_OK;
+}
+
+/* A weight bound once (by the Python GGUFWeight), so that each call passes few arguments:
+ * ctypes converts every argument on every call, ~0.1 us each. */
+typedef struct {
+    const uint8_t *w;
+    int64_t w_stride;
+    int64_t N;
+    int64_t K;
+    int32_t qtype;
+    int32_t packed;
+} sl_plan;
+
+/* sl_gguf_matmul, or its packed twin, for a bound weight. */
+int sl_plan_matmul(const sl_plan *plan, const void *x, int64_t M, float *out, int64_t out_stride, int x_bf16) {
+    return matmul(plan->packed ? SL_PACKED : SL_RAW, x, x_bf16, M, plan->K, plan->w, plan->w_stride, plan->qtype,
+                  plan->N, out, out_stride);
+}
