@@ -67,6 +67,7 @@ static int lane_block(int interleaved, int paired, int l) {
     return interleaved ? (l / 4) % 2 : l / 8;
 }
 
+/* GGUF-rows 32-weight formats: the pair layout described at the top of this file. */
 static void pairs_row(const void *x, int x_bf16, int64_t m, sl_act *a) {
     const int64_t K = a->K, nb = K / 32, np = (nb + 1) / 2;
     for (int64_t p = 0; p < np; p++) {
@@ -90,10 +91,10 @@ static void pairs_row(const void *x, int x_bf16, int64_t m, sl_act *a) {
         }
         for (int l = 0; l < 16; l++) {
             const int h = lane_block(a->interleaved, paired, l);
-            a->lane_scale[pi * 16 + l] = l < 8 || paired ? d[h] : 0.0f;
-            /* One lane per block carries the correction -offset * sum(q). */
+            a->lane_scale[pi * 16 + l] = paired || l < 8 ? d[h] : 0.0f;
+            /* The block's first lane carries its correction -offset * sum(q). */
             const int first = paired ? (a->interleaved ? 4 * h : 8 * h) : 0;
-            a->lane_init[pi * 16 + l] = l == first && (l < 8 || paired) ? -a->offset * sum[h] : 0;
+            a->lane_init[pi * 16 + l] = l == first ? -a->offset * sum[h] : 0;
         }
         for (int h = 0; h < 2; h++) a->pair_sums[pi * 4 + 2 * h] = 0.0f, a->pair_sums[pi * 4 + 2 * h + 1] = d[h] * sum[h];
     }
