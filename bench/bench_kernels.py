@@ -250,7 +250,9 @@ def markdown(results: dict, extra: dict, overhead: dict, decode: dict, types: di
         f"`python -m bench.bench_kernels{' --quick' if args.quick else ''} --threads {args.threads}` — "
         f"{meta['date']}, {meta['cpu']}, torch {torch.__version__}, {args.threads} threads; "
         f"load average {meta['load_before']} before, {meta['load_after']} after (other jobs share the machine; "
-        "per-shape times are medians of single calls, the token time the best of repeated tokens).", "",
+        "per-shape times are medians of single calls, the token time the best of repeated tokens). "
+        f"The kernels' contention guard (one thread for a while after a 2-thread call stalled on the OS "
+        f"scheduler) tripped {meta['backoffs']} times during the run.", "",
         "Each cell: time per call (effective GB/s of the GGUF weight bytes). Weights are cold (copies cycled "
         "past the 32 MiB L3, as decode streams all 96 MB per token) unless marked hot. Exactness: `int8pack` "
         "approximates the weights (one scale per row instead of per 32); all others use the exact GGUF weights: "
@@ -337,6 +339,7 @@ def main():
     types = all_types(args)
     cross = crossover(args)
     meta["load_after"] = _load()
+    meta["backoffs"] = ops.kernels().contention_backoffs()
     text = markdown(results, extra, overhead, decode, types, cross, args, meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -208,7 +208,7 @@ def test_thread_count_does_not_change_results(use, qtype):
     if torch.get_num_threads() < 2:
         pytest.skip("torch runs a single thread here")
     use(_load(False))
-    n, k = 2003, 512  # > 96 KiB of weights: runs on all threads; a ragged last chunk
+    n, k = 4003, 512  # > 384 KiB of weights: runs on all threads; a ragged last chunk
     raw = torch.from_numpy(random_blocks(qtype, (n, k // ops.KERNEL_TYPES[qtype][0]), seed=1))
     weight = ops.GGUFWeight(raw, qtype, n, k)
     x = randn(3, k)

@@ -73,6 +73,8 @@ class _Kernels:
             setattr(self, name[3:], fn)
         lib.sl_pack_size.argtypes, lib.sl_pack_size.restype = [i32, i64, i64], i64
         self.pack_size = lib.sl_pack_size
+        lib.sl_contention_backoffs.argtypes, lib.sl_contention_backoffs.restype = [], i64
+        self.contention_backoffs = lib.sl_contention_backoffs
         self.simd = bool(lib.sl_is_simd())
         self.lib = lib
 

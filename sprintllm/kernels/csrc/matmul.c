@@ -6,6 +6,7 @@
  * threads fighting over the cores.
  */
 #include <stdlib.h>
+#include <time.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -18,8 +19,10 @@ static int omp_get_thread_num(void) { return 0; }
 #include "blocks.h"
 
 /* Below this many weight bytes per call (times activation rows, up to 8) one thread is
- * faster: waking the other thread and joining costs about what 96 KiB take to stream. */
-#define SL_PARALLEL_MIN_BYTES (96 * 1024)
+ * faster. Measured on the 2-core EPYC, M = 1: a fork/join costs ~2.6 us, and a call that
+ * streams a few hundred KiB spends much of its time ramping up DRAM streams anyway; one
+ * decode token (SmolLM2, 121 calls) was fastest with the cut at 256-384 KiB. */
+#define SL_PARALLEL_MIN_BYTES (384 * 1024)
 
 int sl_is_simd(void) { return SL_AVX512; }
 
@@ -81,24 +84,54 @@ static int threads_for(int64_t bytes) { return bytes >= SL_PARALLEL_MIN_BYTES ? 
 
 enum { SL_RAW = 0, SL_PACKED = 1 };
 
+/* Activation rows from which the team quantizes them in parallel; fewer are quantized by
+ * the calling thread before the fork (a few microseconds at most), which spares the team
+ * a barrier. */
+#define SL_PARALLEL_ACT_ROWS 16
+
+/* Contention guard. When other processes keep both cores busy, a 2-thread region waits
+ * for the OS to schedule the late thread, at the fork (libgomp docks the previous team's
+ * threads first) or at the join: measured 4-12 ms per call, against 10-700 us of work (a
+ * decode token went from 3.5 ms to 1.4 s), while one thread alone runs at full speed. So a
+ * call whose calling thread waited more than SL_STALL_NS in total, and longer than it
+ * worked (a legitimately unbalanced last chunk waits less), makes the next
+ * SL_BACKOFF_CALLS calls single-threaded; then one call probes again. */
+#define SL_STALL_NS 500000
+#define SL_BACKOFF_CALLS 4096
+static int backoff; /* calls left to run on one thread; any thread may update it */
+static int64_t backoffs; /* times the guard tripped, for benchmarks to report */
+
+int64_t sl_contention_backoffs(void) { return __atomic_load_n(&backoffs, __ATOMIC_RELAXED); }
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 typedef struct {
     int layout, qtype;
     const void *x;
     int x_bf16;
+    int act_in_team; /* quantize the activations inside the team (else done already) */
     sl_act *act;
     const sl_problem *p;
+    int64_t main_start_ns, main_done_ns; /* when the calling thread began and ended its share */
 } matmul_job;
 
 /* Run by each thread of the team (or alone, outside any parallel region). */
-static void matmul_body(const matmul_job *job) {
+static void matmul_body(matmul_job *job) {
     const sl_problem *p = job->p;
-    int64_t begin, end;
-    split(p->M, 1, &begin, &end);
-    sl_quantize_act_rows(job->x, job->x_bf16, begin, end, job->act);
+    if (omp_get_thread_num() == 0) job->main_start_ns = now_ns();
+    if (job->act_in_team) {
+        int64_t begin, end;
+        split(p->M, 1, &begin, &end);
+        sl_quantize_act_rows(job->x, job->x_bf16, begin, end, job->act);
 #pragma omp barrier
+    }
     /* Units: 16-row groups (packed) or 4-row tiles. Chunks are handed out dynamically, 8 per
-     * thread, so a thread the OS preempts (other jobs on the cores) costs its current chunk,
-     * not half the matrix. */
+     * thread, so a thread that starts late or is preempted costs its chunks to the others,
+     * not a fixed half of the matrix. */
     const int64_t N = p->N, unit = job->layout == SL_PACKED ? 16 : 4, units = (N + unit - 1) / unit;
     const int64_t per = (units + 8 * omp_get_num_threads() - 1) / (8 * omp_get_num_threads());
 #pragma omp for schedule(dynamic, 1) nowait
@@ -112,6 +145,7 @@ static void matmul_body(const matmul_job *job) {
         else
             sl_kquant_rows(job->qtype, p, u0 * unit, n1);
     }
+    if (omp_get_thread_num() == 0) job->main_done_ns = now_ns();
 }
 
 static int matmul(int layout, const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w, int64_t w_stride,
@@ -124,13 +158,24 @@ static int matmul(int layout, const void *x, int x_bf16, int64_t M, int64_t K, c
     sl_act act;
     if (act_layout(&act, kind, qtype, M, K)) return SL_ERR_NOMEM;
     const sl_problem p = {w, w_stride, N, M, &act, out, out_stride};
-    const matmul_job job = {layout, qtype, x, x_bf16, &act, &p};
-    const int threads = threads_for(row_bytes(qtype, K) * N * (M < 8 ? M : 8));
+    int threads = threads_for(row_bytes(qtype, K) * N * (M < 8 ? M : 8));
+    if (threads > 1 && __atomic_load_n(&backoff, __ATOMIC_RELAXED) > 0) {
+        __atomic_fetch_sub(&backoff, 1, __ATOMIC_RELAXED);
+        threads = 1;
+    }
+    matmul_job job = {layout, qtype, x, x_bf16, threads > 1 && M >= SL_PARALLEL_ACT_ROWS, &act, &p, 0, 0};
+    if (!job.act_in_team) sl_quantize_act_rows(x, x_bf16, 0, M, &act);
     if (threads == 1) {
-        matmul_body(&job); /* no fork/join for small problems */
-    } else {
+        matmul_body(&job); /* no fork/join */
+        return SL_OK;
+    }
+    const int64_t start = now_ns();
 #pragma omp parallel num_threads(threads)
-        matmul_body(&job);
+    matmul_body(&job);
+    const int64_t work = job.main_done_ns - job.main_start_ns, stall = now_ns() - start - work;
+    if (stall > SL_STALL_NS && stall > work) {
+        __atomic_store_n(&backoff, SL_BACKOFF_CALLS, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&backoffs, 1, __ATOMIC_RELAXED);
     }
     return SL_OK;
 }
