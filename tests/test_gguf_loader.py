@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +20,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sprintllm import LLM, SamplingParams
 from sprintllm.attention import AttentionMetadata
+from sprintllm.kernels import ops
 from sprintllm.models.default_model import default_model_path
 from sprintllm.models.gguf_loader import iter_dequantized_weights, qk_row_order, read_gguf
 from sprintllm.models.loader import ModelLoadError, kv_cache_spec, load_hf_config, load_model
 from sprintllm.models.tokenizer import load_tokenizer
+from tests.test_gguf_dequant import F16_FIELDS, random_blocks
 from tests.tiny_models import CHAT_TEMPLATE, TEXT, build_tiny_model
 
 T = GGMLQuantizationType
@@ -162,6 +167,20 @@ def hf_greedy(model, prompt: list[int], new_tokens: int = NEW_TOKENS):
     return out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits)
 
 
+def greedy_flip(key: str, out, hf, prompt: list[int]) -> tuple[str, int] | None:
+    """Our greedy tokens (`out`, generated with logprobs=5) against transformers': None if
+    identical, else (key, first step that differs) after checking that at that step each
+    side's token is in the other's top 5 -- a near-tie, not a wrong model."""
+    ours, top5 = out.outputs[0].token_ids, out.outputs[0].logprobs
+    theirs, logits = hf_greedy(hf, prompt, len(ours))
+    if ours == theirs:
+        return None
+    step = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    assert theirs[step] in top5[step], f"{key}: transformers' token not in our top 5 at step {step}"
+    assert ours[step] in logits[step].topk(5).indices.tolist(), f"{key}: our token not in its top 5"
+    return key, step
+
+
 def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -206,7 +225,14 @@ def test_config_matches_hf(case):
         assert (ours.attention_bias, ours.mlp_bias) == (theirs.attention_bias, theirs.mlp_bias)
 
 
-def test_prefill_logits_match_transformers(case):
+@pytest.fixture
+def torch_fallback(monkeypatch):
+    """Weights bound while this is active use the exact float32 torch path, not the C kernels."""
+    monkeypatch.setattr(ops, "kernels", lambda: None)
+
+
+def test_prefill_logits_match_transformers(case, torch_fallback):
+    """Exact dequantization and float32 math: the loader (names, row order, config) is right."""
     _, path, hf = case
     ours, hf_config = load_model(path, torch.float32)
     for prompt in random_prompts([5, 23, 40], hf_config.vocab_size):
@@ -215,7 +241,32 @@ def test_prefill_logits_match_transformers(case):
         torch.testing.assert_close(prefill_logits(ours, hf_config, prompt), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_through_the_engine_matches_transformers(case):
+def test_prefill_logits_with_kernels_close_to_transformers(case):
+    """The C kernels round activations to int8 per block (as llama.cpp does), each matmul
+    within its bound (test_kernels.py); through the layers the logits move by about 1% of
+    their spread (rms), a few % at the worst entry."""
+    _, path, hf = case
+    ours, hf_config = load_model(path, torch.float32)
+    for prompt in random_prompts([5, 23, 40], hf_config.vocab_size):
+        with torch.inference_mode():
+            expected = hf(torch.tensor([prompt])).logits[0]
+        got = prefill_logits(ours, hf_config, prompt)
+        error = got - expected
+        assert error.pow(2).mean().sqrt() <= 0.03 * expected.std()
+        assert error.abs().max() <= 0.25 * expected.std()
+
+
+def test_greedy_with_kernels_matches_transformers_up_to_near_ties(case):
+    _, path, hf = case
+    llm = LLM(str(path), num_kv_blocks=32, block_size=8)
+    prompts = random_prompts([4, 17, 31], llm.engine.hf_config.vocab_size, seed=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5))
+    flips = [greedy_flip(str(i), out, hf, prompt) for i, (prompt, out) in enumerate(zip(prompts, outs))]
+    print(f"{path.stem}: near-tie flips {[f for f in flips if f]}")
+
+
+def test_greedy_through_the_engine_matches_transformers(case, torch_fallback):
     """LLM(model=file.gguf): model and tokenizer both come from the one file."""
     _, path, hf = case
     llm = LLM(str(path), num_kv_blocks=32, block_size=8)
@@ -267,6 +318,67 @@ def test_row_reorder_on_raw_bytes_of_every_block_type(tmp_path, wide_model, qtyp
     assert stored.isfinite().all() and torch.equal(restored, stored)
 
 
+ALL_TYPES = [T.F32, T.F16, T.BF16, *F16_FIELDS]
+
+
+def random_matrix(qtype: T, shape: tuple[int, int], seed: int, std: float = 0.05) -> np.ndarray:
+    """Raw GGUF rows of a random [N, K] matrix of `qtype` whose values have about `std`, as
+    trained weights do (random sub-block scales alone would give values in the hundreds)."""
+    if qtype in (T.F32, T.F16, T.BF16):
+        return quants.quantize(np.random.default_rng(seed).normal(0, std, shape).astype(np.float32), qtype)
+    block_size, block_bytes = quants.GGML_QUANT_SIZES[qtype]
+    raw = random_blocks(qtype, (shape[0], shape[1] // block_size), seed)
+    # Every value is linear in the block's fp16 scale fields: scaling them scales the matrix.
+    factor = std / quants.dequantize(raw, qtype).std()
+    blocks = raw.reshape(-1, block_bytes)
+    for offset in F16_FIELDS[qtype]:
+        scaled = blocks[:, offset:offset + 2].copy().view(np.float16).astype(np.float32) * factor
+        blocks[:, offset:offset + 2] = scaled.astype(np.float16).view(np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_every_type_loads_and_runs(tmp_path, wide_model, qtype):
+    """A model whose every matrix is `qtype` (random valid blocks), written with GGUFWriter:
+    sprintllm's logits equal those of transformers holding the gguf package's dequantization
+    of the same bytes -- exactly on the float32 path, within the int8 rounding of the
+    activations with the C kernels -- and the engine generates from the file."""
+    config = AutoConfig.from_pretrained(wide_model)
+    replace = {}
+    for i, (name, w) in enumerate(load_file(wide_model / "model.safetensors").items()):
+        if w.dim() == 2 and not (name == "lm_head.weight" and config.tie_word_embeddings):
+            replace[gguf_name(name)] = (random_matrix(qtype, tuple(w.shape), seed=i), qtype)
+    write_gguf(wide_model, tmp_path / "m.gguf", replace=replace)
+    model = read_gguf(tmp_path / "m.gguf")
+    assert {t.ggml_type for t in model.tensors.values() if len(t.shape) == 2} == {qtype}
+    reference = {}
+    for name, w in load_file(wide_model / "model.safetensors").items():
+        raw, _ = replace.get(gguf_name(name), (None, None))
+        value = w.float() if raw is None else torch.from_numpy(quants.dequantize(raw, qtype)).reshape(w.shape)
+        if ".q_proj." in name or ".k_proj." in name:  # stored in llama.cpp's row order
+            heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
+            value = value[qk_row_order(value.shape[0], heads)]
+        reference[name] = value
+    hf = hf_with_weights(wide_model, reference)
+    prompt = random_prompts([19], config.vocab_size, seed=qtype.value)[0]
+    with torch.inference_mode():
+        expected = hf(torch.tensor([prompt])).logits[0]
+    assert expected.isfinite().all()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "kernels", lambda: None)
+        exact, hf_config = load_model(tmp_path / "m.gguf", torch.float32)
+    torch.testing.assert_close(prefill_logits(exact, hf_config, prompt), expected, atol=1e-4, rtol=1e-4)
+
+    fast, _ = load_model(tmp_path / "m.gguf", torch.float32)
+    error = prefill_logits(fast, hf_config, prompt) - expected
+    assert error.pow(2).mean().sqrt() <= 0.03 * expected.std()
+
+    llm = LLM(str(tmp_path / "m.gguf"), num_kv_blocks=8, block_size=8)
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
 def test_qk_row_order():
     # Two heads of head_dim 4: HF rows (0, 1 | 2, 3) are stored as the pairs (0, 2), (1, 3).
     assert qk_row_order(8, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
@@ -304,6 +416,8 @@ SMOLLM2_PROMPTS = {
     "plain": "The capital of France is",
     "code": "def fibonacci(n):\n",
     "chat": [{"role": "user", "content": "What is the tallest mountain in the world?"}],
+    "list": "Three things to pack for a hike:\n1.",
+    "chat-recipe": [{"role": "user", "content": "Give me a simple recipe for pancakes."}],
 }
 
 
@@ -354,16 +468,8 @@ def test_smollm2_matches_transformers_gguf_loading(one_thread):
                for key, p in SMOLLM2_PROMPTS.items()}
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts.values()], params)
-    flipped = []
-    for (key, prompt), out in zip(prompts.items(), outs):
-        ours, top5 = out.outputs[0].token_ids, out.outputs[0].logprobs
-        theirs, logits = hf_greedy(hf, prompt)
-        if ours == theirs:
-            continue
-        step = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-        assert theirs[step] in top5[step], f"{key}: transformers' token not in our top 5 at step {step}"
-        assert ours[step] in logits[step].topk(5).indices.tolist(), f"{key}: our token not in its top 5"
-        flipped.append((key, step))
+    flipped = [flip for (key, prompt), out in zip(prompts.items(), outs)
+               if (flip := greedy_flip(key, out, hf, prompt)) is not None]
     print(f"SmolLM2 greedy: {len(prompts) - len(flipped)}/{len(prompts)} identical; near-tie flips: {flipped}")
 
 
@@ -453,3 +559,33 @@ def test_unsupported_model_features(tmp_path, good_file):
         rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=256))
     write_gguf(yarn_dir, tmp_path / "yarn.gguf")
     fails(tmp_path / "yarn.gguf", "rope scaling type 'yarn' is not supported")
+
+
+_RSS_SCRIPT = """
+import gc, sys, torch
+import sprintllm.models.gguf_loader, sprintllm.quant.gguf.method  # code, not model memory
+from sprintllm.kernels import ops
+from sprintllm.models.loader import load_model, weight_bytes
+def rss():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+ops.kernels()  # build/load the C library before the baseline
+before = rss()
+model, _ = load_model(sys.argv[1], torch.float32)
+gc.collect()
+print(rss() - before, weight_bytes(model))
+"""
+
+
+@needs_smollm2
+def test_smollm2_weights_stay_quantized():
+    """No whole-model dequantization: every matrix is kept in its GGUF blocks (packed for the
+    kernels, same bytes), and a fresh process grows by less than 1.5x the file to load it."""
+    path = Path(default_model_path())
+    file_bytes = path.stat().st_size
+    result = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path)], capture_output=True, text=True,
+                            check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rss_growth, weights = map(int, result.stdout.split())
+    print(f"SmolLM2: file {file_bytes / 1e6:.1f} MB, weights {weights / 1e6:.1f} MB, "
+          f"RSS growth {rss_growth / 1e6:.1f} MB")
+    assert weights <= 1.05 * file_bytes
+    assert rss_growth <= 1.5 * file_bytes

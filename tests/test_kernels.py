@@ -129,6 +129,23 @@ def test_dequantize_is_bit_exact(lib, use, qtype):
     assert torch.equal(ops.dequantize(raw, qtype, N, 2 * block, torch.bfloat16), expected.bfloat16())
 
 
+@pytest.mark.parametrize("qtype", LEGACY + KQUANTS, ids=lambda t: t.name)
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "fallback"])
+def test_rows_gather_an_embedding(lib, use, qtype, kernels):
+    """GGUFWeight.rows: the dequantized rows asked for, packed or not, in any order, repeated."""
+    use(lib if kernels else None)
+    block = ops.KERNEL_TYPES[qtype][0]
+    raw = torch.from_numpy(random_blocks(qtype, (N, 2), seed=11))
+    weight = ops.GGUFWeight(raw, qtype, N, 2 * block)
+    ids = torch.tensor([36, 0, 17, 17, 5])
+    expected = torch_dequantize(raw, qtype, (N, 2 * block))[ids]
+    assert torch.equal(weight.rows(ids), expected)
+    assert torch.equal(weight.rows(ids, torch.bfloat16), expected.bfloat16())
+    if kernels:
+        with pytest.raises(IndexError, match="out of range"):
+            weight.rows(torch.tensor([N]))
+
+
 @pytest.mark.parametrize("qtype", PACKED, ids=lambda t: t.name)
 @pytest.mark.parametrize("k", [96, 608], ids=lambda k: f"K{k}")
 def test_packed_weight(lib, use, qtype, k):

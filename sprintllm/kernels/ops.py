@@ -66,6 +66,7 @@ class _Kernels:
             "sl_dequantize_packed": [ptr, i32, i64, i64, ptr, i32],
             "sl_pack": [ptr, i64, i32, i64, i64, ptr],
             "sl_unpack": [ptr, i32, i64, i64, ptr],
+            "sl_gather_rows": [ptr, i64, i32, i32, i64, i64, ptr, i64, ptr, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -247,6 +248,22 @@ class GGUFWeight:
         _raise_on(self._lib.dequantize_packed(self.data.data_ptr(), self.qtype, self.N, self.K, w.data_ptr(),
                                               dtype == torch.bfloat16), "sl_dequantize_packed")
         return w
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized rows W[ids] [len(ids), K]: an embedding lookup on a quantized table
+        (only the rows asked for are expanded)."""
+        ids = ids.reshape(-1)
+        if self._lib is None or dtype not in (torch.float32, torch.bfloat16):
+            return torch_dequantize(self.data[ids.to(torch.long)], self.qtype, (ids.numel(), self.K), dtype)
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty(ids.numel(), self.K, dtype=dtype)
+        stride = 0 if self.packed else self.data.stride(0)
+        rc = self._lib.gather_rows(self.data.data_ptr(), stride, int(self.packed), int(self.qtype), self.N, self.K,
+                                   ids.data_ptr(), ids.numel(), out.data_ptr(), dtype == torch.bfloat16)
+        if rc == 2:
+            raise IndexError(f"row index out of range for a weight of {self.N} rows")
+        _raise_on(rc, "sl_gather_rows")
+        return out
 
     def raw(self) -> torch.Tensor:
         """The GGUF rows [N, row_bytes] (rebuilt from the packed layout, if packed)."""

@@ -4,7 +4,7 @@ under HF names, in HF's row order.
     model = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     model.config                          # a transformers LlamaConfig / Qwen2Config
     model.tensors["blk.0.attn_q.weight"]  # GGUFTensor: hf_name, ggml_type, shape, raw uint8 rows
-    for hf_name, weight in iter_dequantized_weights(model, torch.bfloat16): ...
+    for hf_name, weight in iter_weights(model, torch.float32): ...  # matrices stay GGUFTensors
 
 Every quantized GGML type packs each row (the last, contiguous dimension) into whole blocks,
 so a row is a fixed number of bytes and a tensor is a [rows, bytes_per_row] byte matrix. The
@@ -106,6 +106,13 @@ def read_gguf(path: str | Path) -> GGUFModel:
 
 def read_gguf_config(path: str | Path) -> PretrainedConfig:
     return read_gguf(path).config
+
+
+def iter_weights(model: GGUFModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
+    """(HF name, tensor) for loading a model that keeps GGUF blocks (quant.gguf.method):
+    matrices as GGUFTensors, vectors (norm weights, biases) as float tensors in `dtype`."""
+    for tensor in model.tensors.values():
+        yield tensor.hf_name, tensor if len(tensor.shape) == 2 else dequantize(tensor).to(dtype)
 
 
 def iter_dequantized_weights(model: GGUFModel, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

@@ -22,6 +22,7 @@ from sprintllm.layers.linear import (
 )
 from sprintllm.layers.norm import RMSNorm
 from sprintllm.layers.rotary import RotaryEmbedding, rope_config
+from sprintllm.quant.base import QuantConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -61,15 +62,20 @@ def _sliding_window(config, layer_idx: int) -> int | None:
     return window if layer_idx >= config.max_window_layers else None
 
 
+def _method(quant_config: QuantConfig | None, layer_kind: str):
+    return quant_config.method(layer_kind) if quant_config is not None else None
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, backend):
+    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, backend, quant_config=None):
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         qkv_bias, o_bias = _attention_biases(config)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads, num_kv_heads,
-                                          bias=qkv_bias)
-        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias)
+                                          bias=qkv_bias, quant_method=_method(quant_config, "linear"))
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias,
+                                        quant_method=_method(quant_config, "linear"))
         # Per-rank sizes: what this rank's slice of qkv_proj produces.
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
@@ -94,24 +100,26 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config=None):
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}: Llama-family MLPs use silu")
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias,
+                                                       quant_method=_method(quant_config, "linear"))
         self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
+                                           quant_method=_method(quant_config, "linear"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, backend):
+    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, backend, quant_config=None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, backend)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, backend, quant_config)
+        self.mlp = LlamaMLP(config, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -127,15 +135,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, backend):
+    def __init__(self, config, backend, quant_config=None):
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         theta, scaling = rope_config(config)
         # One table for all layers: it depends only on head_dim and the rope settings.
         rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, theta, scaling)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   quant_method=_method(quant_config, "embedding"))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary_emb, backend) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, rotary_emb, backend, quant_config) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -148,14 +157,16 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, attention_backend: str = "paged"):
+    def __init__(self, config, attention_backend: str = "paged", quant_config: QuantConfig | None = None):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, get_attention_backend(attention_backend))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.quant_config = quant_config
+        self.model = LlamaModel(config, get_attention_backend(attention_backend), quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                      quant_method=_method(quant_config, "lm_head"))
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie(self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -194,3 +205,6 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"weights missing from checkpoint: {', '.join(missing[:10])}"
                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+        for module in self.modules():
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()

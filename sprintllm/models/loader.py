@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 from collections.abc import Iterator
@@ -56,6 +58,17 @@ def kv_cache_spec(hf_config: PretrainedConfig) -> tuple[int, int, int]:
     return hf_config.num_hidden_layers, num_kv_heads, head_dim
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy: parameters and buffers, plus the quantized
+    matrices a QuantMethod keeps outside of parameters (GGUF segments), each counted once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        tensors += [getattr(segment, "data", getattr(segment, "weight", None))
+                    for segment, _ in getattr(module, "gguf_segments", ())]
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if t is not None}
+    return sum(unique.values())
+
+
 def model_max_len(hf_config: PretrainedConfig) -> int:
     """The longest sequence the model supports: its rotary table is this long."""
     return int(hf_config.max_position_embeddings)
@@ -68,15 +81,18 @@ def load_model(
     attention_backend: str = "paged",
 ) -> tuple[nn.Module, PretrainedConfig]:
     """Build the model for an HF directory's config and stream its safetensors weights into it,
-    or build it from a GGUF file's metadata and load its weights dequantized to `dtype`.
+    or build it from a GGUF file's metadata with its matrices kept in their GGUF block
+    formats (norms in `dtype`).
     Every problem with the directory or file raises ModelLoadError naming the path."""
     path = Path(model_path)
     weights = None  # a lazy stream of (HF name, tensor)
+    quant_config = None
     if is_gguf_path(path):
-        from sprintllm.models.gguf_loader import iter_dequantized_weights, read_gguf  # lazy: imports this module
+        from sprintllm.models.gguf_loader import iter_weights, read_gguf  # lazy: imports this module
+        from sprintllm.quant.gguf.method import GGUFConfig
 
         gguf_model = read_gguf(path)
-        hf_config, weights = gguf_model.config, iter_dequantized_weights(gguf_model, dtype)
+        hf_config, weights, quant_config = gguf_model.config, iter_weights(gguf_model, dtype), GGUFConfig()
     else:
         hf_config = load_hf_config(path)
     architectures = getattr(hf_config, "architectures", None) or []
@@ -91,14 +107,27 @@ def load_model(
 
     try:
         with _default_dtype(dtype), torch.device(device):
-            model = model_cls(hf_config, attention_backend=attention_backend)
+            model = model_cls(hf_config, attention_backend=attention_backend, quant_config=quant_config)
     except (ValueError, NotImplementedError) as e:  # a config feature we do not support
         raise ModelLoadError(f"cannot build {architectures[0]} for {path}: {e}") from e
     try:
         model.load_weights(weights)
     except ValueError as e:
         raise ModelLoadError(f"cannot load weights from {path}: {e}") from e
+    del weights
+    _release_freed_memory()
     return model.eval(), hf_config
+
+
+def _release_freed_memory() -> None:
+    """Loading frees a lot in small pieces (the GGUF reader's metadata objects, repacking
+    copies); glibc keeps freed heap pages unless asked, which would leave the process ~20%
+    larger than its weights. Elsewhere this is a no-op."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -95,6 +95,7 @@ void sl_packed_rows(int qtype, const sl_problem *p, int64_t g_begin, int64_t g_e
 int64_t sl_packed_bytes(int qtype, int64_t N, int64_t K);
 void sl_pack_rows(int qtype, const uint8_t *w, int64_t w_stride, int64_t N, int64_t K, int64_t g_begin,
                   int64_t g_end, uint8_t *out);
+void sl_unpack_row(int qtype, const uint8_t *packed, int64_t K, int64_t n, uint8_t *out);
 void sl_unpack_rows(int qtype, const uint8_t *packed, int64_t N, int64_t K, int64_t g_begin, int64_t g_end,
                     uint8_t *out, int64_t out_stride);
 void sl_dequantize_rows(int qtype, const uint8_t *w, int64_t w_stride, int64_t K, int64_t n_begin,

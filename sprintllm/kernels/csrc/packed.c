@@ -48,23 +48,26 @@ void sl_pack_rows(int qt, const uint8_t *w, int64_t w_stride, int64_t N, int64_t
     }
 }
 
+/* Row n of a packed W back to its GGUF bytes. */
+void sl_unpack_row(int qt, const uint8_t *packed, int64_t K, int64_t n, uint8_t *out) {
+    const int64_t nb = K / 32, ts = sl_type_size(qt), qs = ts - (qt == SL_Q8_0 ? 32 : 16);
+    const int64_t gb = group_block_bytes(qt), hb = header_bytes(qt), chunks = qt == SL_Q8_0 ? 8 : 4;
+    const int64_t g = n / 16, r = n % 16;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *src = packed + (g * nb + b) * gb;
+        uint8_t *blk = out + b * ts;
+        memcpy(blk, src + 2 * r, 2);
+        if (qt == SL_Q4_1) memcpy(blk + 2, src + 32 + 2 * r, 2);
+        for (int64_t c = 0; c < chunks; c++) memcpy(blk + qs + 4 * c, src + hb + 64 * c + 4 * r, 4);
+    }
+}
+
 /* The inverse of sl_pack_rows: groups [g_begin, g_end) back to GGUF rows (row stride
  * `out_stride`, rows past N skipped). */
 void sl_unpack_rows(int qt, const uint8_t *packed, int64_t N, int64_t K, int64_t g_begin, int64_t g_end, uint8_t *out,
                     int64_t out_stride) {
-    const int64_t nb = K / 32, ts = sl_type_size(qt), qs = ts - (qt == SL_Q8_0 ? 32 : 16);
-    const int64_t gb = group_block_bytes(qt), hb = header_bytes(qt), chunks = qt == SL_Q8_0 ? 8 : 4;
-    for (int64_t g = g_begin; g < g_end; g++) {
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *src = packed + (g * nb + b) * gb;
-            for (int r = 0; r < 16 && g * 16 + r < N; r++) {
-                uint8_t *blk = out + (g * 16 + r - g_begin * 16) * out_stride + b * ts;
-                memcpy(blk, src + 2 * r, 2);
-                if (qt == SL_Q4_1) memcpy(blk + 2, src + 32 + 2 * r, 2);
-                for (int64_t c = 0; c < chunks; c++) memcpy(blk + qs + 4 * c, src + hb + 64 * c + 4 * r, 4);
-            }
-        }
-    }
+    for (int64_t n = g_begin * 16; n < g_end * 16 && n < N; n++)
+        sl_unpack_row(qt, packed, K, n, out + (n - g_begin * 16) * out_stride);
 }
 
 #if SL_AVX512
