@@ -105,17 +105,18 @@ def build_model(path: Path) -> Path:
 
 class Workload:
     """Fixed lengths (seeded) and a seeded stream of fresh random prompts: every warm-up, run and
-    retry gets prompts never seen before, so nothing hits sprintllm's prefix cache."""
+    retry gets prompts never seen before, so nothing hits sprintllm's prefix cache. Prompt ids are
+    drawn uniformly from `token_range` (low inclusive, high exclusive)."""
 
-    def __init__(self, sizes: Sizes):
+    def __init__(self, sizes: Sizes, token_range: tuple[int, int] = (1, MODEL_CONFIG["vocab_size"])):
         rng = random.Random(SEED)
-        self.sizes = sizes
+        self.sizes, self.token_range = sizes, token_range
         self.prompt_lens = [rng.randint(*sizes.prompt_range) for _ in range(sizes.num_requests)]
         self.max_tokens = [rng.randint(*sizes.output_range) for _ in range(sizes.num_requests)]
         self._rng = random.Random(SEED + 1)
 
     def prompts(self, lengths: list[int]) -> list[list[int]]:
-        return [[self._rng.randrange(1, MODEL_CONFIG["vocab_size"]) for _ in range(n)] for n in lengths]
+        return [[self._rng.randrange(*self.token_range) for _ in range(n)] for n in lengths]
 
     def batch1_prompt(self) -> list[int]:
         return self.prompts([self.sizes.prompt_len])[0]
