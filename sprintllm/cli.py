@@ -72,7 +72,8 @@ def _make_llm(args):
     start = time.perf_counter()
     llm = LLM(**options)
     print(f"loaded {llm.config.model} in {time.perf_counter() - start:.1f}s "
-          f"({llm.engine.num_blocks} KV blocks of {args.block_size} tokens)", file=sys.stderr)
+          f"({llm.engine.num_blocks} KV blocks of {args.block_size} tokens; native decode: "
+          f"{llm.engine.runner.native_decode_off_reason or 'on'})", file=sys.stderr)
     return llm
 
 

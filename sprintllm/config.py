@@ -28,6 +28,9 @@ class EngineConfig:
     # steps: 1 favours time-to-first-token, larger values favour smooth decoding.
     prefill_interval: int = 1
     attention_backend: str = "paged"
+    # Pure decode steps of GGUF models as one C call for all layers (kernels/decode.py);
+    # off: every step goes through the torch modules.
+    native_decode: bool = True
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
 

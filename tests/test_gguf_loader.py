@@ -589,3 +589,41 @@ def test_smollm2_weights_stay_quantized():
           f"RSS growth {rss_growth / 1e6:.1f} MB")
     assert weights <= 1.05 * file_bytes
     assert rss_growth <= 1.5 * file_bytes
+
+
+def test_native_decode_step_matches_the_torch_modules(case):
+    """A pure decode step through the one-call C decoder gives the hidden states (and cache
+    writes) of the torch modules on the same GGUF weights, for a batch of two sequences."""
+    _, path, _ = case
+    model, hf_config = load_model(path, torch.float32)
+    num_layers, num_kv_heads, head_dim = kv_cache_spec(hf_config)
+    block_size, lens = 4, [7, 13]
+    caches = [(torch.zeros(12, block_size, num_kv_heads, head_dim), torch.zeros(12, block_size, num_kv_heads, head_dim))
+              for _ in range(num_layers)]
+    reason = model.bind_native_decoder(caches, block_size)
+    if reason is not None:  # float matrices and o/MLP biases stay on the torch path
+        assert "no C kernel" in reason or "biases" in reason or not ops.available(), reason
+        pytest.skip(reason)
+    tables = torch.tensor([[5, 0, 9, 0], [1, 7, 3, 11]], dtype=torch.int32)  # scattered, padded blocks
+    prompts = random_prompts(lens, hf_config.vocab_size, seed=3)
+
+    def meta(query_lens, seq_lens):
+        positions = torch.cat([torch.arange(s - q, s) for q, s in zip(query_lens, seq_lens)])
+        seq_of = torch.repeat_interleave(torch.arange(2), torch.tensor(query_lens))
+        slots = tables[seq_of, positions // block_size].long() * block_size + positions % block_size
+        starts = torch.tensor([0, query_lens[0], sum(query_lens)], dtype=torch.int32)
+        return positions, AttentionMetadata(slots, starts, torch.tensor(seq_lens, dtype=torch.int32), tables,
+                                            list(query_lens), list(seq_lens), block_size)
+
+    with torch.inference_mode():
+        positions, prefill = meta([n - 1 for n in lens], [n - 1 for n in lens])
+        model(torch.tensor([t for p in prompts for t in p[:-1]]), positions, caches, prefill)
+        positions, decode = meta([1, 1], lens)
+        last = torch.tensor([p[-1] for p in prompts])
+        copies = [(k.clone(), v.clone()) for k, v in caches]
+        native = model(last, positions, caches, decode)
+        expected = model(last, positions, copies, decode)  # another cache list: the torch path
+    torch.testing.assert_close(native, expected, atol=1e-4, rtol=1e-4)
+    for (k, v), (k_ref, v_ref) in zip(caches, copies):
+        torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)

@@ -28,6 +28,11 @@ class ModelRunner:
              torch.zeros(shape, dtype=config.torch_dtype, device=self.device))
             for _ in range(num_layers)
         ]
+        self.native_decode_off_reason: str | None = "turned off (native_decode=False)"
+        if config.native_decode:
+            bind = getattr(model, "bind_native_decoder", None)
+            self.native_decode_off_reason = (bind(self.kv_caches, self.block_size) if bind is not None
+                                             else f"{type(model).__name__} has no native decoder")
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:

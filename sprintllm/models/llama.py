@@ -171,7 +171,51 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] for the flattened ragged batch -> hidden states [T, hidden]."""
+        native = self.native_decoder
+        if native is not None and attn_metadata.is_pure_decode and kv_caches is self._native_caches:
+            hidden = self.model.embed_tokens(input_ids)
+            out = native.forward(hidden.float(), positions, attn_metadata.slot_mapping, attn_metadata.block_tables,
+                                 attn_metadata.seq_lens)
+            return out.to(hidden.dtype)
         return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    native_decoder = None  # set by bind_native_decoder
+    _native_caches = None
+
+    def bind_native_decoder(self, kv_caches: list[KVCache], block_size: int) -> str | None:
+        """Run pure decode steps over these caches as one C call (sprintllm.kernels.decode)
+        instead of ~40 torch ops per layer. Possible when every matrix is a GGUF weight the C
+        kernels take, on one CPU rank; returns why not otherwise (prefill and mixed steps
+        always take the torch path)."""
+        from sprintllm.kernels.decode import DecoderLayerWeights, NativeDecoder
+
+        if not NativeDecoder.available():
+            return "the C kernels are unavailable"
+        if self.quant_config is None or self.quant_config.name != "gguf":
+            return "the weights are not GGUF blocks"
+        attn0 = self.model.layers[0].self_attn
+        if attn0.qkv_proj.tp_size > 1:
+            return "tensor parallelism"
+        layers = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.o_proj.bias is not None or mlp.gate_up_proj.bias is not None:
+                return "o_proj or MLP biases"
+            layers.append(DecoderLayerWeights(
+                input_norm=layer.input_layernorm.weight, qkv=attn.qkv_proj.gguf_segments,
+                qkv_bias=attn.qkv_proj.bias, o=attn.o_proj.gguf_segments,
+                post_norm=layer.post_attention_layernorm.weight, gate_up=mlp.gate_up_proj.gguf_segments,
+                down=mlp.down_proj.gguf_segments, sliding_window=attn.sliding_window))
+        rope = attn0.rotary_emb
+        try:
+            self.native_decoder = NativeDecoder(
+                layers, self.model.norm.weight, num_heads=attn0.num_heads, num_kv_heads=attn0.num_kv_heads,
+                head_dim=attn0.head_dim, rms_eps=self.model.norm.eps, scale=attn0.scale, cos=rope.cos, sin=rope.sin,
+                kv_caches=kv_caches, block_size=block_size)
+        except ValueError as e:  # e.g. a weight type without a C kernel
+            return str(e)
+        self._native_caches = kv_caches
+        return None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -16,7 +16,7 @@ static int omp_get_num_threads(void) { return 1; }
 static int omp_get_thread_num(void) { return 0; }
 #endif
 
-#include "blocks.h"
+#include "matmul.h"
 
 /* Below this many weight bytes per call (times activation rows, up to 8) one thread is
  * faster. Measured on the 2-core EPYC, M = 1: a fork/join costs ~2.6 us, and a call that
@@ -44,8 +44,7 @@ static void *scratch_for(size_t size) {
 
 #define SL_ALIGN64(n) (((n) + 63) / 64 * 64)
 
-/* Carve the activation buffers of `kind` out of the scratch, each 64-byte aligned. */
-static int act_layout(sl_act *a, int kind, int qtype, int64_t M, int64_t K) {
+size_t sl_act_carve(sl_act *a, int kind, int qtype, int64_t M, int64_t K, void *base) {
     const size_t pairs = (size_t)(M * ((K / 32 + 1) / 2)), b32 = (size_t)(M * K / 32);
     const int P = kind == SL_ACT_PAIRS, B = kind == SL_ACT_BLOCKS, S = kind == SL_ACT_SUPER;
     const size_t sizes[8] = {
@@ -60,13 +59,21 @@ static int act_layout(sl_act *a, int kind, int qtype, int64_t M, int64_t K) {
     };
     size_t total = 0;
     for (int i = 0; i < 8; i++) total += SL_ALIGN64(sizes[i]);
-    uint8_t *base = scratch_for(total);
-    if (!base) return SL_ERR_NOMEM;
+    if (!base) return total;
+    uint8_t *at = base;
     void *part[8];
-    for (int i = 0; i < 8; i++) part[i] = base, base += SL_ALIGN64(sizes[i]);
+    for (int i = 0; i < 8; i++) part[i] = at, at += SL_ALIGN64(sizes[i]);
     *a = (sl_act){.K = K, .kind = kind, .interleaved = qtype != SL_Q8_0, .offset = sl_offset(qtype),
                   .q = part[0], .lane_scale = part[1], .lane_init = part[2], .pair_sums = part[3],
                   .d = part[4], .block_sums = part[5], .sum32 = part[6], .sum16 = part[7]};
+    return total;
+}
+
+/* Carve the activation buffers of `kind` out of the scratch, each 64-byte aligned. */
+static int act_layout(sl_act *a, int kind, int qtype, int64_t M, int64_t K) {
+    void *base = scratch_for(sl_act_carve(a, kind, qtype, M, K, NULL));
+    if (!base) return SL_ERR_NOMEM;
+    sl_act_carve(a, kind, qtype, M, K, base);
     return SL_OK;
 }
 
@@ -82,8 +89,6 @@ static int64_t row_bytes(int qtype, int64_t K) { return K / (sl_legacy_supported
 
 static int threads_for(int64_t bytes) { return bytes >= SL_PARALLEL_MIN_BYTES ? omp_get_max_threads() : 1; }
 
-enum { SL_RAW = 0, SL_PACKED = 1 };
-
 /* Activation rows from which the team quantizes them in parallel; fewer are quantized by
  * the calling thread before the fork (a few microseconds at most), which spares the team
  * a barrier. */
@@ -95,7 +100,9 @@ enum { SL_RAW = 0, SL_PACKED = 1 };
  * decode token went from 3.5 ms to 1.4 s), while one thread alone runs at full speed. So a
  * call whose calling thread waited more than SL_STALL_NS in total, and longer than it
  * worked (a legitimately unbalanced last chunk waits less), makes the next
- * SL_BACKOFF_CALLS calls single-threaded; then one call probes again. */
+ * SL_BACKOFF_CALLS calls single-threaded; then one call probes again. A native decode
+ * forward (decode.c) shares the counter: it counts as one call per matmul it runs, and
+ * trips the guard by the same rule over its whole parallel region. */
 #define SL_STALL_NS 500000
 #define SL_BACKOFF_CALLS 4096
 static int backoff; /* calls left to run on one thread; any thread may update it */
@@ -103,10 +110,41 @@ static int64_t backoffs; /* times the guard tripped, for benchmarks to report */
 
 int64_t sl_contention_backoffs(void) { return __atomic_load_n(&backoffs, __ATOMIC_RELAXED); }
 
-static int64_t now_ns(void) {
+int64_t sl_now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+int sl_contention_take(int64_t calls) {
+    if (__atomic_load_n(&backoff, __ATOMIC_RELAXED) <= 0) return 0;
+    __atomic_fetch_sub(&backoff, (int)(calls < SL_BACKOFF_CALLS ? calls : SL_BACKOFF_CALLS), __ATOMIC_RELAXED);
+    return 1;
+}
+
+void sl_contention_note(int64_t stall_ns, int64_t work_ns) {
+    if (stall_ns > SL_STALL_NS && stall_ns > work_ns) {
+        __atomic_store_n(&backoff, SL_BACKOFF_CALLS, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&backoffs, 1, __ATOMIC_RELAXED);
+    }
+}
+
+int sl_act_kind(int layout, int qtype) {
+    return layout == SL_PACKED ? SL_ACT_BLOCKS : sl_legacy_supported(qtype) ? SL_ACT_PAIRS : SL_ACT_SUPER;
+}
+
+int64_t sl_matmul_unit(int layout) { return layout == SL_PACKED ? 16 : 4; }
+
+int64_t sl_matmul_chunk(int64_t units, int threads) { return (units + 8 * threads - 1) / (8 * threads); }
+
+void sl_matmul_units(int layout, int qtype, const sl_problem *p, int64_t u0, int64_t u1) {
+    const int64_t unit = sl_matmul_unit(layout), n1 = u1 * unit < p->N ? u1 * unit : p->N;
+    if (layout == SL_PACKED)
+        sl_packed_rows(qtype, p, u0, u1);
+    else if (sl_legacy_supported(qtype))
+        sl_legacy_rows(qtype, p, u0 * unit, n1);
+    else
+        sl_kquant_rows(qtype, p, u0 * unit, n1);
 }
 
 typedef struct {
@@ -122,7 +160,7 @@ typedef struct {
 /* Run by each thread of the team (or alone, outside any parallel region). */
 static void matmul_body(matmul_job *job) {
     const sl_problem *p = job->p;
-    if (omp_get_thread_num() == 0) job->main_start_ns = now_ns();
+    if (omp_get_thread_num() == 0) job->main_start_ns = sl_now_ns();
     if (job->act_in_team) {
         int64_t begin, end;
         split(p->M, 1, &begin, &end);
@@ -132,20 +170,14 @@ static void matmul_body(matmul_job *job) {
     /* Units: 16-row groups (packed) or 4-row tiles. Chunks are handed out dynamically, 8 per
      * thread, so a thread that starts late or is preempted costs its chunks to the others,
      * not a fixed half of the matrix. */
-    const int64_t N = p->N, unit = job->layout == SL_PACKED ? 16 : 4, units = (N + unit - 1) / unit;
-    const int64_t per = (units + 8 * omp_get_num_threads() - 1) / (8 * omp_get_num_threads());
+    const int64_t units = (p->N + sl_matmul_unit(job->layout) - 1) / sl_matmul_unit(job->layout);
+    const int64_t per = sl_matmul_chunk(units, omp_get_num_threads());
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t c = 0; c < (units + per - 1) / per; c++) {
         const int64_t u0 = c * per, u1 = u0 + per < units ? u0 + per : units;
-        const int64_t n1 = u1 * unit < N ? u1 * unit : N;
-        if (job->layout == SL_PACKED)
-            sl_packed_rows(job->qtype, p, u0, u1);
-        else if (sl_legacy_supported(job->qtype))
-            sl_legacy_rows(job->qtype, p, u0 * unit, n1);
-        else
-            sl_kquant_rows(job->qtype, p, u0 * unit, n1);
+        sl_matmul_units(job->layout, job->qtype, p, u0, u1);
     }
-    if (omp_get_thread_num() == 0) job->main_done_ns = now_ns();
+    if (omp_get_thread_num() == 0) job->main_done_ns = sl_now_ns();
 }
 
 static int matmul(int layout, const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *w, int64_t w_stride,
@@ -154,29 +186,23 @@ static int matmul(int layout, const void *x, int x_bf16, int64_t M, int64_t K, c
     if (layout == SL_PACKED ? !sl_packed_supported(qtype) : !legacy && !sl_kquant_supported(qtype)) return SL_ERR_TYPE;
     if (K <= 0 || K % (legacy ? 32 : 256) || M < 0 || N < 0 || out_stride < N) return SL_ERR_SHAPE;
     if (M == 0 || N == 0) return SL_OK;
-    const int kind = layout == SL_PACKED ? SL_ACT_BLOCKS : legacy ? SL_ACT_PAIRS : SL_ACT_SUPER;
+    const int kind = sl_act_kind(layout, qtype);
     sl_act act;
     if (act_layout(&act, kind, qtype, M, K)) return SL_ERR_NOMEM;
     const sl_problem p = {w, w_stride, N, M, &act, out, out_stride};
     int threads = threads_for(row_bytes(qtype, K) * N * (M < 8 ? M : 8));
-    if (threads > 1 && __atomic_load_n(&backoff, __ATOMIC_RELAXED) > 0) {
-        __atomic_fetch_sub(&backoff, 1, __ATOMIC_RELAXED);
-        threads = 1;
-    }
+    if (threads > 1 && sl_contention_take(1)) threads = 1;
     matmul_job job = {layout, qtype, x, x_bf16, threads > 1 && M >= SL_PARALLEL_ACT_ROWS, &act, &p, 0, 0};
     if (!job.act_in_team) sl_quantize_act_rows(x, x_bf16, 0, M, &act);
     if (threads == 1) {
         matmul_body(&job); /* no fork/join */
         return SL_OK;
     }
-    const int64_t start = now_ns();
+    const int64_t start = sl_now_ns();
 #pragma omp parallel num_threads(threads)
     matmul_body(&job);
-    const int64_t work = job.main_done_ns - job.main_start_ns, stall = now_ns() - start - work;
-    if (stall > SL_STALL_NS && stall > work) {
-        __atomic_store_n(&backoff, SL_BACKOFF_CALLS, __ATOMIC_RELAXED);
-        __atomic_fetch_add(&backoffs, 1, __ATOMIC_RELAXED);
-    }
+    const int64_t work = job.main_done_ns - job.main_start_ns;
+    sl_contention_note(sl_now_ns() - start - work, work);
     return SL_OK;
 }
 
@@ -245,16 +271,12 @@ int sl_unpack(const uint8_t *packed, int qtype, int64_t N, int64_t K, uint8_t *o
     return SL_OK;
 }
 
-/* A weight bound once (by the Python GGUFWeight), so that each call passes few arguments:
- * ctypes converts every argument on every call, ~0.1 us each. */
-typedef struct {
-    const uint8_t *w;
-    int64_t w_stride;
-    int64_t N;
-    int64_t K;
-    int32_t qtype;
-    int32_t packed;
-} sl_plan;
+int sl_plan_check(const sl_plan *plan) {
+    const int qt = plan->qtype, legacy = sl_legacy_supported(qt);
+    if (plan->packed ? !sl_packed_supported(qt) : !legacy && !sl_kquant_supported(qt)) return SL_ERR_TYPE;
+    if (plan->K <= 0 || plan->K % (legacy ? 32 : 256) || plan->N < 0) return SL_ERR_SHAPE;
+    return SL_OK;
+}
 
 /* sl_gguf_matmul, or its packed twin, for a bound weight. */
 int sl_plan_matmul(const sl_plan *plan, const void *x, int64_t M, float *out, int64_t out_stride, int x_bf16) {

@@ -39,6 +39,9 @@ class DenseSegment:
         self.weight = weight
         self.N, self.K = weight.shape
 
+    def __repr__(self) -> str:
+        return f"DenseSegment({self.weight.dtype}, N={self.N}, K={self.K})"
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         y = F.linear(x.to(self.weight.dtype), self.weight)
         return y if out is None else out.copy_(y)
