@@ -13,6 +13,8 @@ For each weight shape (Q4_1 linear layers, the Q8_0 lm head) and batch M in {1, 
   (w = d q + m = (q - 8) d + (m + 8 d), torch's (q - 8) * scale + zero with float32 scales)
 - int8pack: `torch._weight_int8pack_mm` for Q8_0, after requantizing to one scale per
   output row (the op has no per-block scales, so this is an approximation of the weights)
+- compiled: `torch.compile` (inductor, C++ codegen) of the torch fp32 path, dequantization
+  and matmul in one graph, fixed shapes (compile time not counted; reported in the table)
 
 Weights are "cold": every call uses the next of several copies that together exceed the
 32 MiB L3, as in decode, where one token streams all ~96 MB of weights from DRAM. A time is
@@ -130,6 +132,11 @@ def bench_shape(qtype, n, k, m, args, rng) -> dict:
     xb = x.bfloat16()
     res["torch bf16"] = timeit(lambda r: F.linear(xb, torch_dequantize(r, qtype, (n, k), torch.bfloat16)), few,
                                args.min_time)
+    compiled = torch.compile(lambda x, r: F.linear(x, torch_dequantize(r, qtype, (n, k))), dynamic=False)
+    start = time.perf_counter()
+    compiled(x, few[0])
+    res["compile s"] = time.perf_counter() - start
+    res["compiled"] = timeit(lambda r: compiled(x, r), cold, args.min_time)
     if qtype == T.Q4_1:
         packs = [int4pack(r, qtype, n, k) for r in cold]
         res["int4pack"] = timeit(lambda p: torch._weight_int4pack_mm_for_cpu(x, p[0], 32, p[1]), packs, args.min_time)
@@ -236,6 +243,7 @@ METHODS = {  # column -> what it times
     "torch bf16": "the same in bf16",
     "int4pack": "torch._weight_int4pack_mm_for_cpu, exact Q4_1 repack",
     "int8pack": "torch._weight_int8pack_mm, per-row requantized Q8_0 (approximate)",
+    "compiled": "torch.compile of torch fp32 (dequantize + F.linear in one graph)",
 }
 
 
@@ -249,7 +257,7 @@ def markdown(results: dict, extra: dict, overhead: dict, decode: dict, types: di
         "# GGUF matmul kernels (sprintllm.kernels)", "",
         f"`python -m bench.bench_kernels{' --quick' if args.quick else ''} --threads {args.threads}` — "
         f"{meta['date']}, {meta['cpu']}, torch {torch.__version__}, {args.threads} threads; "
-        f"load average {meta['load_before']} before, {meta['load_after']} after (other jobs share the machine; "
+        f"load average {meta['load_before']} before, {meta['load_after']} after (the host may be shared; "
         "per-shape times are medians of single calls, the token time the best of repeated tokens). "
         f"The kernels' contention guard (one thread for a while after a 2-thread call stalled on the OS "
         f"scheduler) tripped {meta['backoffs']} times during the run.", "",
@@ -268,6 +276,7 @@ def markdown(results: dict, extra: dict, overhead: dict, decode: dict, types: di
         for shape in SHAPES:
             res = results[(shape, m)]
             cells = [fmt(res.get(meth), res["bytes"]) for meth in METHODS]
+            cells[-1] += f" [compile {res['compile s']:.0f} s]"
             lines.append(f"| {shape[0]} ({shape[2]} x {shape[3]}) | {shape[1].name} | " + " | ".join(cells) + " |")
         lines.append("")
     packed = {s[0]: results[(s, 1)]["packed"] for s in SHAPES}
@@ -286,8 +295,8 @@ def markdown(results: dict, extra: dict, overhead: dict, decode: dict, types: di
         f"- Measured end to end, the {decode['calls']} calls of one token on distinct weights "
         f"({decode['bytes'] / 1e6:.1f} MB): **{decode['token'] * 1e3:.2f} ms** per token "
         f"({decode['bytes'] / decode['token'] / 1e9:.1f} GB/s; layers {decode['layers'] * 1e3:.2f} ms, lm head "
-        f"{decode['head'] * 1e3:.2f} ms). For 240 tok/s (1.2x llama.cpp's ~200 here) a whole token may take "
-        "4.17 ms.", "",
+        f"{decode['head'] * 1e3:.2f} ms). A whole token at 240 tok/s takes 4.17 ms "
+        "(docs/bench_gguf.md has the engines' end-to-end numbers).", "",
         "## Every kernel type (M = 1, 2048 x 2048, cold)", "",
         "| type | GGUFWeight (packed) | gguf_matmul (GGUF rows) |", "|---|---|---|"]
     for qtype, res in types.items():
