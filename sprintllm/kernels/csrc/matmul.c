@@ -8,14 +8,6 @@
 #include <stdlib.h>
 #include <time.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_max_threads(void) { return 1; }
-static int omp_get_num_threads(void) { return 1; }
-static int omp_get_thread_num(void) { return 0; }
-#endif
-
 #include "matmul.h"
 
 /* Below this many weight bytes per call (times activation rows, up to 8) one thread is

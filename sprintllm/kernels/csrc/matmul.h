@@ -5,6 +5,14 @@
 
 #include <stddef.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#else /* a build without OpenMP runs every team as the one calling thread */
+static inline int omp_get_max_threads(void) { return 1; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
+
 #include "blocks.h"
 
 /* A weight bound once (by the Python GGUFWeight), so that each call passes few arguments:
