@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sprintllm.quant.base import Placement, QuantMethod, UnquantizedMethod
+from sprintllm.quant.base import Placement, QuantMethod, UnquantizedMethod, copy_piece
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -60,8 +60,7 @@ class LinearBase(nn.Module):
     def _load(self, param: nn.Parameter, loaded_weight, place: Placement) -> None:
         """Store one placed piece: the weight through the quant method, a bias densely."""
         if param is self.bias:
-            piece = loaded_weight.narrow(0, place.start, place.size)
-            default_weight_loader(param.data.narrow(0, place.row_offset, place.rows), piece)
+            copy_piece(param, loaded_weight, place)
         else:
             self.quant_method.load(self, param, loaded_weight, place)
 

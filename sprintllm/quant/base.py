@@ -58,6 +58,17 @@ class QuantMethod(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no embedding lookup")
 
 
+def copy_piece(param: torch.Tensor, loaded: torch.Tensor, place: Placement) -> None:
+    """Copy `place`'s piece of a dense checkpoint tensor into its rows of `param` (cast to
+    the parameter's dtype); ValueError if the shapes disagree."""
+    piece = loaded.narrow(place.dim, place.start, place.size)
+    target = param.data.narrow(0, place.row_offset, place.rows)
+    if target.shape != piece.shape:
+        raise ValueError(f"shape mismatch: parameter slice {tuple(target.shape)}, checkpoint piece "
+                         f"{tuple(piece.shape)} of {tuple(loaded.shape)}")
+    target.copy_(piece)
+
+
 class UnquantizedMethod(QuantMethod):
     """A dense weight in the model dtype (the dtype that is default while the layer is built)."""
 
@@ -65,12 +76,7 @@ class UnquantizedMethod(QuantMethod):
         layer.weight = nn.Parameter(torch.empty(layer.output_size, layer.input_size), requires_grad=False)
 
     def load(self, layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, place: Placement) -> None:
-        piece = loaded.narrow(place.dim, place.start, place.size)
-        target = param.data.narrow(0, place.row_offset, place.rows)
-        if target.shape != piece.shape:
-            raise ValueError(f"shape mismatch: parameter slice {tuple(target.shape)}, checkpoint piece "
-                             f"{tuple(piece.shape)} of {tuple(loaded.shape)}")
-        target.copy_(piece)
+        copy_piece(param, loaded, place)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
